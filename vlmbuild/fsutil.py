@@ -1,0 +1,71 @@
+"""Atomic writes: build into a temporary sibling, rename into place only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from vlmbuild.errors import OutputError
+
+
+def _check_parent_writable(target: Path) -> Path:
+    parent = target.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {parent}: {err.strerror}", hint="choose a writable output directory") from err
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent} is not writable", hint="choose a writable output directory")
+    return parent
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory next to `target`; on success it replaces `target`.
+
+    On any exception the temporary directory is removed and `target` is left untouched.
+    """
+    target = Path(target)
+    parent = _check_parent_writable(target)
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target} already exists", hint="remove it or pass --overwrite")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    parent = _check_parent_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: object) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
