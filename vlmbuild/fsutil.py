@@ -34,7 +34,10 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     parent = _check_parent_writable(target)
     if target.exists() and not overwrite:
         raise OutputError(f"{target} already exists", hint="remove it or pass --overwrite")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as err:
+        raise OutputError(f"cannot write in {parent}: {err.strerror}", hint="choose a writable output directory") from err
     try:
         yield tmp
         if target.exists():
@@ -52,7 +55,10 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     parent = _check_parent_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    except OSError as err:
+        raise OutputError(f"cannot write in {parent}: {err.strerror}", hint="choose a writable output directory") from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
