@@ -92,6 +92,8 @@ def convert_checkpoint(
         "quantization": TrtQuantization(quant_algo=QUANT_ALGOS[weight_only]),
     }
     cfg = family.read_config(ckpt.config.llm, common)
+    if family.max_pp_size and pp_size > family.max_pp_size:
+        raise ConfigError(f"the {family.name} family supports pp_size up to {family.max_pp_size}, got {pp_size}")
     _check_parallel(cfg)
     wrapper = WRAPPERS.get(ckpt.config.model_type, Wrapper())
     plan, skipped = _plan(ckpt, family, wrapper)

@@ -43,6 +43,8 @@ class Family:
     """HF name prefixes that belong to other models in the same checkpoint (e.g. a ViT)."""
     stop_tokens: tuple[str, ...] = ()
     """Tokens that end generation besides the template's separator."""
+    max_pp_size: int | None = None
+    """Largest pipeline-parallel size TRT-LLM's model class supports (None: any)."""
 
     def patterns(self) -> list[tuple[re.Pattern[str], str, Transform | None]]:
         """Compiled (regex, part template or HF template, transform) for every mapped HF name."""
@@ -68,7 +70,7 @@ def register(family: Family) -> Family:
 
 def _load_all() -> None:
     # Importing a family module registers it; the list is the only place that names them.
-    from vlmbuild.llm import qwen2  # noqa: F401
+    from vlmbuild.llm import internlm2, phi3, qwen, qwen2  # noqa: F401
 
 
 def get_family(name: str) -> Family:
