@@ -168,6 +168,43 @@ def build(recipe: RecipeArg = None, workdir: WorkDir = Path("work"), model_dir: 
     out.print(f"work directory ready: {report.workdir}  (serve it: vlmbuild serve --workdir {report.workdir})")
 
 
+@app.command()
+def serve(recipe: RecipeArg = None, workdir: Annotated[Optional[Path], typer.Option("--workdir")] = None,
+          host: str = "127.0.0.1", port: int = 9997,
+          llm_backend: Annotated[str, typer.Option("--llm-backend", help="auto | trtllm | torch")] = "auto",
+          vision_backend: Annotated[str, typer.Option("--vision-backend", help="auto | tensorrt | onnxruntime | torch")] = "auto",
+          device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+          allowed_local_media_path: Annotated[Optional[Path], typer.Option("--allowed-local-media-path")] = None,
+          served_model_name: Annotated[Optional[str], typer.Option("--served-model-name")] = None,
+          api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="VLMBUILD_API_KEY")] = None) -> None:
+    """Serve a built work directory behind an OpenAI-compatible /v1/chat/completions."""
+    from vlmbuild.serve.runtime import DEVICES, LLM_BACKENDS, ServeOptions
+    from vlmbuild.serve.server import serve as run_server
+    from vlmbuild.vision.runtime import BACKENDS
+
+    for name, value, allowed in (("--llm-backend", llm_backend, LLM_BACKENDS), ("--vision-backend", vision_backend, BACKENDS),
+                                 ("--device", device, DEVICES)):
+        if value not in allowed:
+            raise ConfigError(f"{name} '{value}' is not one of {', '.join(allowed)}")
+    if workdir is None:
+        if recipe is None:
+            raise ConfigError("give --workdir W (or a RECIPE whose work directory is ./work)")
+        workdir = Path("work")
+    options = ServeOptions(llm_backend=llm_backend, vision_backend=vision_backend, device=device,
+                           allowed_local_media_path=allowed_local_media_path.resolve() if allowed_local_media_path else None,
+                           served_model_name=served_model_name)
+    run_server(workdir, host, port, options, api_key=api_key)
+
+
+@app.command()
+def demo(workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the artifacts here (default: a temp dir).")] = None,
+         builder: Annotated[str, typer.Option(help="vision engine builder: auto | tensorrt | tensorrt-rtx | none")] = "auto") -> None:
+    """synth the tiny InternVL2-1B → build → serve on a free port → one streamed request with the openai SDK."""
+    from vlmbuild.demo import run_demo
+
+    run_demo(workdir, builder=builder, console=out)
+
+
 def main() -> None:
     """Entry point with the error boundary."""
     try:

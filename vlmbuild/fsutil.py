@@ -13,6 +13,12 @@ from pathlib import Path
 from vlmbuild.errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_parent_writable(target: Path) -> Path:
     parent = target.resolve().parent
     try:
@@ -38,6 +44,7 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     except OSError as err:
         raise OutputError(f"cannot write in {parent}: {err.strerror}", hint="choose a writable output directory") from err
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; artifacts get ordinary permissions
     try:
         yield tmp
         if target.exists():
@@ -62,6 +69,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
