@@ -117,6 +117,7 @@ class Detokenizer:
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already emitted
         self.text = ""
+        self.stopped = False
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
@@ -128,8 +129,7 @@ class Detokenizer:
             at = text.find(s)
             if at != -1:
                 out = text[self.sent:at]
-                self.sent = len(text)
-                self.text = text[:at]
+                self.sent, self.text, self.stopped = at, text[:at], True
                 return out, True
         upto = max(self.sent, len(text) - self.hold)
         out = text[self.sent:upto]
@@ -137,6 +137,9 @@ class Detokenizer:
         return out, False
 
     def flush(self) -> str:
+        """The rest of the text; at the end an incomplete character is emitted as decode gives it."""
+        if not self.stopped:
+            self.text = self.tok.decode(self.ids)
         out = self.text[self.sent:]
         self.sent = len(self.text)
         return out
