@@ -1,6 +1,7 @@
 """End to end: `vlmbuild serve` answers through the real `openai` SDK exactly as transformers'
 InternVLForConditionalGeneration.generate does (greedy), prompt_tokens included, for each request
-shape of the reference guide: one image, local file, two images, multi-turn, six video frames, text."""
+shape of the reference guide (one image, local file, two images, multi-turn, six video frames, text)
+and for every tiny InternVL2 layout: Qwen2, InternLM2 and Phi-3 LLMs, InternViT-300M and -6B."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import pytest
 import torch
 from openai import OpenAI
 from PIL import Image
-from transformers import Qwen2Tokenizer
-
-from internvl_reference import hermes2_prompt, image_tokens, load_reference, pixel_values
+from internvl_reference import STOPS, chat_prompt, image_tokens, load_reference, pixel_values, reference_tokenizer
 from vlmbuild.pipeline import build_workdir
 from vlmbuild.recipe import load_recipe
 from vlmbuild.serve.runtime import ServeOptions
@@ -23,22 +22,27 @@ from vlmbuild.serve.server import BackgroundServer, make_app
 from vlmbuild.synth import synth_checkpoint
 
 MAX_NEW = 12
+RECIPES = ["tiny-internvl2-1b", "tiny-internvl2-2b", "tiny-internvl2-4b", "tiny-internvl2-26b"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=RECIPES)
+def stack(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    recipe = load_recipe("tiny-internvl2-1b")
+    recipe = load_recipe(request.param)
     synth_checkpoint(recipe, root / "work" / "hf", seed=random.randrange(1 << 20))
     build_workdir(recipe, root / "work", builder="none")
     media = root / "media"
     media.mkdir()
     app = make_app(root / "work", ServeOptions(device="cpu", allowed_local_media_path=media))
-    tok = Qwen2Tokenizer.from_pretrained(root / "work" / "hf")
-    ref = load_reference(root / "work" / "hf", tokenizer=tok)
+    tok = reference_tokenizer(root / "work" / "hf")
+    ref = load_reference(root / "work" / "hf", tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     with BackgroundServer(app) as url:
         yield {"client": OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), "ref": ref, "tok": tok, "media": media,
-               "model": recipe.name}
+               "model": recipe.name, "template": recipe.template}
+
+
+def prompt(stack, turns, **kw) -> str:
+    return chat_prompt(stack["template"], turns, **kw)
 
 
 def _image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
@@ -53,7 +57,7 @@ def _data_url(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _reference(stack, prompt: str, images: list[Image.Image], max_patches: int = 12) -> tuple[str, int]:
+def _reference(stack, prompt: str, images: list[Image.Image], max_patches: int = 12) -> tuple[str, int, int]:
     tok, ref = stack["tok"], stack["ref"]
     kwargs = {}
     if images:
@@ -61,12 +65,13 @@ def _reference(stack, prompt: str, images: list[Image.Image], max_patches: int =
         for n in tiles:  # expand each <image> as InternVL's chat() does
             prompt = prompt.replace("<image>", image_tokens(n), 1)
         kwargs["pixel_values"] = pv
-    ids = tok(prompt, return_tensors="pt").input_ids
+    ids = torch.tensor([tok.encode(prompt)])
+    eos = [tok.convert_tokens_to_ids(t) for t in STOPS[stack["template"]]]
     with torch.no_grad():
         out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                           eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")],
-                           pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), **kwargs)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), ids.shape[1]
+                           eos_token_id=eos, pad_token_id=eos[0], **kwargs)
+    new = out[0, ids.shape[1]:].tolist()
+    return tok.decode(new, skip_special_tokens=True), ids.shape[1], len(new)
 
 
 def _ask(stack, messages, stream=False):
@@ -83,19 +88,19 @@ def test_single_image_matches_transformers_streaming_and_not(stack):
     seed = random.randrange(1 << 30)
     img = _image(seed)
     question = "<image>\nWhat is in the picture?"
-    want, n_prompt = _reference(stack, hermes2_prompt([(question, None)]), [img])
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [(question, None)]), [img])
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}},
                                          {"type": "text", "text": question}]}]
     text, usage = _ask(stack, msgs)
     assert text == want, f"seed {seed}"
-    assert usage.prompt_tokens == n_prompt
+    assert (usage.prompt_tokens, usage.completion_tokens) == (n_prompt, n_new), f"seed {seed}"
     s_text, s_usage = _ask(stack, msgs, stream=True)
     assert s_text == text and s_usage.prompt_tokens == n_prompt and s_usage.completion_tokens == usage.completion_tokens
 
 
 def test_image_without_placeholder_gets_one_prepended(stack):
     img = _image(random.randrange(1 << 30), (448, 448))
-    want, n_prompt = _reference(stack, hermes2_prompt([("<image>\nDescribe it.", None)]), [img])
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [("<image>\nDescribe it.", None)]), [img])
     msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
                                          {"type": "image_url", "image_url": {"url": _data_url(img)}}]}]
     text, usage = _ask(stack, msgs)
@@ -106,7 +111,7 @@ def test_local_file_under_allowed_path(stack):
     img = _image(random.randrange(1 << 30))
     path = stack["media"] / "local.png"
     img.save(path)
-    want, n_prompt = _reference(stack, hermes2_prompt([("<image>\nWhat is this?", None)]), [img])
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [("<image>\nWhat is this?", None)]), [img])
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{path}"}},
                                          {"type": "text", "text": "<image>\nWhat is this?"}]}]
     assert _ask(stack, msgs)[0] == want
@@ -115,13 +120,13 @@ def test_local_file_under_allowed_path(stack):
 def test_two_images_and_multi_turn(stack):
     a, b = _image(random.randrange(1 << 30)), _image(random.randrange(1 << 30))
     q1 = "Image-1: <image>\nImage-2: <image>\nWhat differs?"
-    first, _ = _reference(stack, hermes2_prompt([(q1, None)]), [a, b])
+    first, _, _ = _reference(stack, prompt(stack, [(q1, None)]), [a, b])
     msgs = [{"role": "user", "content": [{"type": "text", "text": q1}, {"type": "image_url", "image_url": {"url": _data_url(a)}},
                                          {"type": "image_url", "image_url": {"url": _data_url(b)}}]}]
     assert _ask(stack, msgs)[0] == first
     # second turn keeps the earlier images; the assistant text is stripped as chat() stores it
     q2 = "And the second one?"
-    want, n_prompt = _reference(stack, hermes2_prompt([(q1, first.strip()), (q2, None)]), [a, b])
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [(q1, first.strip()), (q2, None)]), [a, b])
     msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": q2}]
     text, usage = _ask(stack, msgs)
     assert (text, usage.prompt_tokens) == (want, n_prompt)
@@ -130,7 +135,7 @@ def test_two_images_and_multi_turn(stack):
 def test_six_video_frames_one_tile_each(stack):
     frames = [_image(random.randrange(1 << 30)) for _ in range(6)]
     question = "".join(f"Frame{i + 1}: <image>\n" for i in range(6)) + "What happens?"
-    want, n_prompt = _reference(stack, hermes2_prompt([(question, None)]), frames, max_patches=1)
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [(question, None)]), frames, max_patches=1)
     content = [{"type": "text", "text": question}] + [{"type": "image_url", "image_url": {"url": _data_url(f)}} for f in frames]
     text, usage = _ask(stack, [{"role": "user", "content": content}])
     assert (text, usage.prompt_tokens) == (want, n_prompt)
@@ -138,7 +143,7 @@ def test_six_video_frames_one_tile_each(stack):
 
 
 def test_plain_text(stack):
-    want, n_prompt = _reference(stack, hermes2_prompt([("Hello, who are you?", None)], system="You are terse."), [])
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [("Hello, who are you?", None)], system="You are terse."), [])
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, who are you?"}]
     text, usage = _ask(stack, msgs)
     assert (text, usage.prompt_tokens) == (want, n_prompt)

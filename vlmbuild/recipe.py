@@ -78,6 +78,8 @@ class Recipe(_Strict):
     """Hugging Face repo id to download; None for synthetic (test/demo) recipes."""
     revision: str = "main"
     """Hub revision (branch, tag or commit)."""
+    layout_of: str | None = None
+    """Synthetic recipes: the hub repo whose checkpoint layout `vlmbuild synth` reproduces (default: hf_repo)."""
     family: str
     """LLM family key in the registry (qwen2, internlm2, phi3, qwen); checked against config.json."""
     vision: str
@@ -100,6 +102,11 @@ class Recipe(_Strict):
     """LLM engine build parameters."""
     vit: VitBuild = VitBuild()
     """Vision engine build parameters."""
+
+    @property
+    def layout_repo(self) -> str | None:
+        """The hub repo whose layout this recipe's checkpoints have."""
+        return self.layout_of or self.hf_repo
 
     @property
     def max_multimodal_len(self) -> int:

@@ -27,6 +27,9 @@ from tokenizers import Tokenizer as HfBackend
 from vlmbuild.errors import CheckpointError
 
 
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
 class Tokenizer(Protocol):
     """What the server and the checks need from a tokenizer."""
 
@@ -39,6 +42,10 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def is_byte(self, token_id: int) -> bool:
+        """Whether the id is a byte-fallback piece (`<0xAB>`), whose text depends on its neighbours."""
+        ...
 
     def token_to_id(self, token: str) -> int:
         """Id of one token; CheckpointError if the vocabulary lacks it."""
@@ -131,6 +138,9 @@ class HfTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def is_byte(self, token_id: int) -> bool:
+        return _BYTE_PIECE.match(self._tok.id_to_token(token_id) or "") is not None
+
     def token_to_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
         if tid is None:
@@ -175,6 +185,9 @@ class SentencePieceTokenizer:
                 out.append(self._content.get(tid) or self._sp.id_to_piece(tid))
         return "".join(out) + self._sp.decode(run)
 
+    def is_byte(self, token_id: int) -> bool:
+        return token_id < self._sp.get_piece_size() and self._sp.is_byte(token_id)
+
     def token_to_id(self, token: str) -> int:
         if token in self._added:
             return self._added[token]
@@ -209,6 +222,9 @@ class TiktokenTokenizer:
         # QWenTokenizer drops every id >= eod_id (the first special) when skipping.
         keep = [i for i in ids if i < self._first_special] if skip_special_tokens else list(ids)
         return self._enc.decode(keep, errors="replace")
+
+    def is_byte(self, token_id: int) -> bool:
+        return False  # byte-level BPE: its decode never rewrites earlier complete characters
 
     def token_to_id(self, token: str) -> int:
         if token in self._specials:

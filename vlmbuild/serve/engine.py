@@ -121,6 +121,10 @@ class Detokenizer:
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
+        if self.tok.is_byte(token):
+            # A run of byte-fallback pieces decodes as one group (an invalid group turns every byte
+            # into U+FFFD), so its text is final only once a non-byte token closes the run.
+            return "", False
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return "", False

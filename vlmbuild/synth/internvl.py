@@ -21,9 +21,9 @@ _AUTO_MAP = {
 
 def write_internvl(recipe: Recipe, out: Path, seed: int) -> None:
     llm = get_llm(recipe.family)
-    vit = vit_shape(recipe.hf_repo)
+    vit = vit_shape(recipe.layout_repo)
     vocab = llm.write_tokenizer(out)
-    llm_config = llm.config(TINY, vocab, recipe.hf_repo)
+    llm_config = llm.config(TINY, vocab, recipe.layout_repo)
     write_json(out / "config.json", _top_config(recipe, llm_config, vision_config(vit)))
     write_json(out / "generation_config.json", llm.generation_config(vocab))
 

@@ -1,0 +1,4 @@
+"""Vision encoders: registry, ONNX export + check, TensorRT builds, runtimes."""
+
+# One line per encoder module: importing it registers its `Encoder` in `encoder.ENCODERS`.
+from vlmbuild.vision import intern_vit  # noqa: F401
