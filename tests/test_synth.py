@@ -169,7 +169,7 @@ def test_config_reads_and_matches_tokenizer(synthesized, name):
     v = c.vision
     assert (v["image_size"], v["patch_size"], v["model_type"]) == (448, 14, "intern_vit_6b")
     assert v["hidden_size"] % v["num_attention_heads"] == 0
-    six_b = recipe.hf_repo == "OpenGVLab/InternVL2-26B"  # model-facts §2.1: only 26B has the 6B ViT
+    six_b = recipe.layout_repo == "OpenGVLab/InternVL2-26B"  # model-facts §2.1: only 26B has the 6B ViT
     assert (v["norm_type"], v["qkv_bias"], v["qk_normalization"]) == (
         ("rms_norm", False, True) if six_b else ("layer_norm", True, False))
     assert c.llm["tie_word_embeddings"] is False

@@ -4,6 +4,7 @@ All VlmbuildErrors end here as one line on stderr (traceback only with VLMBUILD_
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -207,6 +208,9 @@ def demo(workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep
 
 def main() -> None:
     """Entry point with the error boundary."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
     try:
         rv = app(standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -19,6 +19,7 @@ from vlmbuild.llm.convert import convert_checkpoint
 from vlmbuild.llm.family import family_for_architecture
 from vlmbuild.manifest import read_manifest, write_manifest
 from vlmbuild.recipe import Recipe
+from vlmbuild.tokenizer import load_tokenizer
 
 # Top-level HF architecture → (vision encoder key, default chat template when config.json names none).
 MODEL_KINDS = {"InternVLChatModel": ("intern_vit", None), "QWenLMHeadModel": ("qwen_vit", "chatml")}
@@ -62,6 +63,7 @@ def build_workdir(recipe: Recipe | None, workdir: str | Path, model_dir: str | P
         hint = "run `vlmbuild download RECIPE --workdir W` (or `vlmbuild synth RECIPE --output-dir W/hf`) first"
         raise CheckpointError(f"no checkpoint in {model_dir}", hint=hint)
     recipe = recipe or recipe_for_checkpoint(model_dir)
+    load_tokenizer(model_dir)  # serving needs it: fail before hours of building, not after
     report = BuildReport(workdir)
 
     ckpt_dir = workdir / "trtllm_checkpoint"
