@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
 
 import numpy as np
@@ -33,7 +34,9 @@ def stack(request, tmp_path_factory):
     build_workdir(recipe, root / "work", builder="none")
     media = root / "media"
     media.mkdir()
-    app = make_app(root / "work", ServeOptions(device="cpu", allowed_local_media_path=media))
+    # VLMBUILD_TEST_DEVICE=cuda runs the served side on a GPU (the reference stays on the CPU).
+    device = os.environ.get("VLMBUILD_TEST_DEVICE", "cpu")
+    app = make_app(root / "work", ServeOptions(device=device, allowed_local_media_path=media))
     tok = reference_tokenizer(root / "work" / "hf")
     ref = load_reference(root / "work" / "hf", tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     with BackgroundServer(app) as url:

@@ -151,9 +151,12 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path, family, tp, pp):
         ref = model(torch.tensor([ids])).logits[0]
     diff = (ref - llm.forward_logits(ids)).abs().max().item()
     assert diff <= TOL, f"{family} tp{tp}: max |Δlogits| {diff} > {TOL} (seed {seed})"
-    with torch.no_grad():
-        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+    x = torch.tensor([ids])
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    with torch.no_grad():  # an explicit mask: else generate masks every input id equal to pad_token_id
+        want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                               pad_token_id=0)[0, len(ids):].tolist()
+    assert len(want) == 12
     got = list(llm.generate(ids, max_new_tokens=12))
     assert got == want, f"{family}: greedy tokens differ (seed {seed})"
 

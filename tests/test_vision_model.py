@@ -160,7 +160,7 @@ def checkpoint(request, tmp_path_factory, seed) -> Path:
     return write_internvl_checkpoint(tmp_path_factory.mktemp(request.param, numbered=False), request.param, seed)
 
 
-TESTED_ENCODERS = {"intern_vit"}
+TESTED_ENCODERS = {"intern_vit", "qwen_vit"}  # qwen_vit: tests/test_qwen_vl.py
 
 
 def test_every_registered_encoder_has_a_reference_test():

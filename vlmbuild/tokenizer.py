@@ -173,6 +173,10 @@ class SentencePieceTokenizer:
         return ids + (self._sp.encode(text[pos:]) if pos < len(text) else [])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # Skipped specials are dropped first, as the slow HF tokenizers do, so the pieces around them
+        # decode as one run ("▁word" after a skipped token keeps its space).
+        if skip_special_tokens:
+            ids = [t for t in ids if t not in self._special]
         out: list[str] = []
         run: list[int] = []
         for tid in ids:
@@ -181,8 +185,7 @@ class SentencePieceTokenizer:
                 continue
             out.append(self._sp.decode(run))
             run = []
-            if not (skip_special_tokens and tid in self._special):
-                out.append(self._content.get(tid) or self._sp.id_to_piece(tid))
+            out.append(self._content.get(tid) or self._sp.id_to_piece(tid))
         return "".join(out) + self._sp.decode(run)
 
     def is_byte(self, token_id: int) -> bool:
