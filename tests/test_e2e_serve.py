@@ -150,3 +150,14 @@ def test_plain_text(stack):
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, who are you?"}]
     text, usage = _ask(stack, msgs)
     assert (text, usage.prompt_tokens) == (want, n_prompt)
+
+
+def test_two_large_images_beyond_4096_tokens(stack):
+    """2 × 13 tiles ≈ 6.7k prompt tokens: past Phi-3's original 4096 context, so long-rope factors apply."""
+    big = [_image(random.randrange(1 << 30), (1792, 1344)) for _ in range(2)]  # a 4x3 grid + thumbnail each
+    question = "Image-1: <image>\nImage-2: <image>\nCompare them."
+    want, n_prompt, n_new = _reference(stack, prompt(stack, [(question, None)]), big)
+    content = [{"type": "text", "text": question}] + [{"type": "image_url", "image_url": {"url": _data_url(b)}} for b in big]
+    text, usage = _ask(stack, [{"role": "user", "content": content}])
+    assert n_prompt > 4096
+    assert (text, usage.prompt_tokens, usage.completion_tokens) == (want, n_prompt, n_new)

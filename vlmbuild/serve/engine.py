@@ -121,9 +121,10 @@ class Detokenizer:
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
-        if self.tok.is_byte(token):
+        if self.tok.is_byte(token) or not self.tok.decode([token]):
             # A run of byte-fallback pieces decodes as one group (an invalid group turns every byte
-            # into U+FFFD), so its text is final only once a non-byte token closes the run.
+            # into U+FFFD), and a skipped special token does not end the run, so the text is final
+            # only once a token that renders as text closes it.
             return "", False
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
