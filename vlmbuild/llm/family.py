@@ -98,6 +98,24 @@ def rope_theta(hf: dict[str, Any], default: float) -> float:
     return float(params.get("rope_theta", default))
 
 
+def standard_fields(hf: dict[str, Any], norm_eps: float) -> dict[str, Any]:
+    """TrtLlmConfig shape fields from the HF names Qwen2, InternLM2 and Phi-3 share."""
+    hidden, heads, layers, inter, vocab = require(
+        hf, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"
+    )
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+        "head_size": hf.get("head_dim") or hidden // heads,
+        "intermediate_size": inter,
+        "norm_epsilon": hf.get("rms_norm_eps", norm_eps),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
 def require(hf: dict[str, Any], *keys: str) -> list[Any]:
     """Values of required HF config keys, or one error naming all that are missing."""
     missing = [k for k in keys if k not in hf]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vlmbuild.llm.family import Family, register, require, rope_theta
+from vlmbuild.llm.family import Family, register, rope_theta, standard_fields
 from vlmbuild.llm.trtllm_config import TrtLlmConfig
 
 log = logging.getLogger("vlmbuild.convert")
@@ -47,9 +47,6 @@ def split_wqkv(t: torch.Tensor, cfg: TrtLlmConfig) -> dict[str, torch.Tensor]:
 
 
 def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
-    hidden, heads, layers, inter, vocab = require(
-        hf, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"
-    )
     max_pos = hf.get("max_position_embeddings", 32768)
     scaling = hf.get("rope_scaling")
     if scaling and scaling.get("type", scaling.get("rope_type")) == "dynamic":
@@ -59,21 +56,13 @@ def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
                     "TRT-LLM's 'dynamic' needs an 'alpha' InternLM2 does not define)", scaling, max_pos)
         scaling = None
     return TrtLlmConfig(
+        **standard_fields(hf, norm_eps=1e-6),
         architecture=hf["architectures"][0],
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_size=hidden // heads,
-        intermediate_size=inter,
         hidden_act=hf.get("hidden_act", "silu"),
         max_position_embeddings=max_pos,
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         rotary_base=rope_theta(hf, 10000.0),
         rotary_scaling=scaling,
         attn_bias=bool(hf.get("bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **common,
     )
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from vlmbuild.llm.family import Family, register, require, rope_theta
+from vlmbuild.llm.family import Family, register, rope_theta, standard_fields
 from vlmbuild.llm.trtllm_config import TrtLlmConfig
 
 _L = "model.layers.{i}."
@@ -40,9 +40,6 @@ def split_gate_up(t: torch.Tensor, cfg: TrtLlmConfig) -> dict[str, torch.Tensor]
 
 
 def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
-    hidden, heads, layers, inter, vocab = require(
-        hf, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"
-    )
     max_pos = hf.get("max_position_embeddings", 4096)
     long = {}
     if max_pos >= LONG_ROPE_FROM:
@@ -56,20 +53,12 @@ def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
             "longrope_scaling_long_factors": list(scaling["long_factor"]),
         }
     return TrtLlmConfig(
+        **standard_fields(hf, norm_eps=1e-5),
         architecture="Phi3ForCausalLM",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_size=hidden // heads,
-        intermediate_size=inter,
         hidden_act="swiglu",  # TRT-LLM's fused form of HF's silu-gated MLP
         max_position_embeddings=max_pos,
-        norm_epsilon=hf.get("rms_norm_eps", 1e-5),
         rotary_base=rope_theta(hf, 10000.0),
         rotary_pct=hf.get("partial_rotary_factor", 1.0),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **long,
         **common,
     )

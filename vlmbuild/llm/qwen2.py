@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmbuild.llm.family import Family, register, require, rope_theta
+from vlmbuild.llm.family import Family, register, rope_theta, standard_fields
 from vlmbuild.llm.trtllm_config import TrtLlmConfig
 
 _L = "model.layers.{i}."
@@ -30,26 +30,15 @@ TENSORS = {
 
 
 def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
-    hidden, heads, layers, inter, vocab = require(
-        hf, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"
-    )
     return TrtLlmConfig(
+        **standard_fields(hf, norm_eps=1e-6),
         architecture=hf["architectures"][0],
         qwen_type=hf.get("model_type", "qwen2"),
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_size=hf.get("head_dim") or hidden // heads,
-        intermediate_size=inter,
         hidden_act=hf.get("hidden_act", "silu"),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         rotary_base=rope_theta(hf, 1000000.0),
         rotary_scaling=hf.get("rope_scaling"),
         attn_bias=True,  # Qwen2 has q/k/v biases (o_proj none)
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         seq_length=hf.get("seq_length", 8192),
         use_logn_attn=False,
         **common,
