@@ -133,8 +133,10 @@ def test_runtimes_chunk_and_match_transformers(model_dir, tmp_path, seed):
 
 def test_backend_choice_and_engine_dtypes():
     assert choose_backend("auto", True, True, True)[0] == "tensorrt"
-    for flags in [(False, True, True), (True, False, True), (True, True, False)]:  # one of engine / runtime / CUDA missing
-        assert choose_backend("auto", *flags)[0] == "onnxruntime", flags
+    for flags in [(False, True, True), (True, False, True)]:  # engine or runtime missing on a GPU
+        assert choose_backend("auto", *flags, ort_cuda=True)[0] == "onnxruntime", flags
+        assert choose_backend("auto", *flags, ort_cuda=False)[0] == "torch", flags  # not onnxruntime on the CPU
+    assert choose_backend("auto", True, True, False)[0] == "onnxruntime"  # CPU device
     assert choose_backend("torch", False, False, False) == ("torch", "requested")
     with pytest.raises(ConfigError):
         choose_backend("tensorrt-llm", True, True, True)

@@ -69,19 +69,21 @@ def torch_dtype(trt_dtype) -> torch.dtype:
                                f"expected one of {', '.join(_TRT_DTYPES)}") from None
 
 
-def choose_backend(requested: str, has_engine: bool, trt_importable: bool, cuda: bool) -> tuple[str, str]:
-    """(backend, reason). 'auto' takes the engine only where it can run, else onnxruntime."""
+def choose_backend(requested: str, has_engine: bool, trt_importable: bool, cuda: bool,
+                   ort_cuda: bool = False) -> tuple[str, str]:
+    """(backend, reason). 'auto' takes the engine only where it can run; otherwise on a CUDA device
+    onnxruntime only with its CUDA provider, else the torch module on the GPU; on the CPU onnxruntime."""
     if requested not in BACKENDS:
         raise ConfigError(f"unknown vision backend '{requested}'", hint=f"choose one of {', '.join(BACKENDS)}")
     if requested != "auto":
         return requested, "requested"
-    if not has_engine:
-        return "onnxruntime", "no engine was built"
-    if not trt_importable:
-        return "onnxruntime", "the engine's TensorRT runtime is not installed"
-    if not cuda:
-        return "onnxruntime", "no CUDA device"
-    return "tensorrt", "engine, TensorRT runtime and CUDA present"
+    if has_engine and trt_importable and cuda:
+        return "tensorrt", "engine, TensorRT runtime and CUDA present"
+    why = "no engine was built" if not has_engine else (
+        "the engine's TensorRT runtime is not installed" if not trt_importable else "no CUDA device")
+    if cuda and not ort_cuda:
+        return "torch", f"{why}; onnxruntime has no CUDA provider here"
+    return "onnxruntime", why
 
 
 class VisionRuntime:
@@ -171,9 +173,12 @@ def load_vision_runtime(vision_dir: str | Path, backend: str = "auto", device: s
     spec = VisionSpec.read(vision_dir)
     if device == "cuda" and not torch.cuda.is_available():
         raise ToolMissingError("device cuda was asked for but torch sees no CUDA device", hint="use --device cpu")
-    # An engine runs only under the TensorRT flavour that built it.
-    trt_importable = any(importlib.util.find_spec(m) for m in BUILDER_MODULES.get(spec.builder or "", ()))
-    chosen, reason = choose_backend(backend, spec.engine is not None, trt_importable, torch.cuda.is_available())
+    # An engine runs only under the TensorRT flavour that built it; TensorRT-RTX engines only on RTX
+    # GPUs, so `auto` leaves them to an explicit --vision-backend tensorrt.
+    trt_importable = spec.builder != "tensorrt-rtx" and any(
+        importlib.util.find_spec(m) for m in BUILDER_MODULES.get(spec.builder or "", ()))
+    ort_cuda = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+    chosen, reason = choose_backend(backend, spec.engine is not None, trt_importable, device == "cuda", ort_cuda)
     log.info("vision backend: %s (%s)", chosen, reason)
     if chosen == "tensorrt":
         return TensorRtVision(spec, "cuda")
