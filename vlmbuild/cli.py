@@ -110,7 +110,8 @@ def convert(recipe: RecipeArg = None, model_dir: ModelDir = None, output_dir: Ou
         weight_only=weight_only or (r.weight_only if r else None), expect_family=r.family if r else None, show_progress=True)
     skipped = ", ".join(f"{p}* ({n})" for p, n in res.skipped.items()) or "nothing"
     out.print(f"[green]✓[/] {res.family} → {res.output_dir}: {res.config.dtype}, "
-              f"{res.config.world_size} rank(s), {res.tensors_read} tensors read, skipped {skipped}, {res.seconds:.1f}s")
+              f"{res.config.world_size} rank(s), {res.tensors_read} tensors read, skipped {skipped}, {res.seconds:.1f}s",
+              soft_wrap=True)
 
 
 @app.command("build-llm")
@@ -165,7 +166,7 @@ def build(recipe: RecipeArg = None, workdir: WorkDir = Path("work"), model_dir: 
     report = build_workdir(_recipe(recipe), workdir, model_dir=model_dir, builder=builder)
     for step in report.steps:
         mark = "[green]✓[/]" if step.status == "built" else "[yellow]–[/]"
-        out.print(f"{mark} {step.name:<14} {step.status:<8} {step.detail}", highlight=False)
+        out.print(f"{mark} {step.name:<14} {step.status:<8} {step.detail}", highlight=False, soft_wrap=True)
     out.print(f"work directory ready: {report.workdir}  (serve it: vlmbuild serve --workdir {report.workdir})")
 
 

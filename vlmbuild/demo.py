@@ -45,7 +45,7 @@ def run_demo(workdir: Path | None = None, builder: str = "auto", console: Consol
         report = build_workdir(recipe, workdir, builder=builder)
         for step in report.steps:
             console.print(f"{'[green]✓' if step.status == 'built' else '[yellow]–'}[/] {step.name:<14} {step.status:<8} {step.detail}",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
         t_build = time.time() - t0
         app = make_app(workdir, ServeOptions(device="cpu"))
         with BackgroundServer(app) as url:
@@ -53,7 +53,7 @@ def run_demo(workdir: Path | None = None, builder: str = "auto", console: Consol
             result = _ask(url, recipe.name, console)
         result["build_seconds"] = t_build
         console.print(f"build {t_build:.1f}s · first token {result['ttft']:.2f}s · total {result['seconds']:.2f}s · "
-                      f"{result['prompt_tokens']} prompt + {result['completion_tokens']} completion tokens")
+                      f"{result['prompt_tokens']} prompt + {result['completion_tokens']} completion tokens", soft_wrap=True)
         return result
     finally:
         if not keep:

@@ -51,7 +51,9 @@ def recipe_for_checkpoint(model_dir: Path) -> Recipe:
                                hint=f"supported: {', '.join(MODEL_KINDS)}")
     vision, template = MODEL_KINDS[arch]
     family = family_for_architecture(ckpt.config.llm_architecture)
-    return Recipe(name=model_dir.name, family=family.name, vision=vision,
+    # `W/hf` is named after its work directory; any other checkpoint directory after itself
+    name = model_dir.resolve().parent.name if model_dir.name == "hf" else model_dir.name
+    return Recipe(name=name, family=family.name, vision=vision,
                   template=ckpt.config.template or template or "", max_dynamic_patch=ckpt.config.max_dynamic_patch)
 
 
