@@ -117,3 +117,25 @@ def test_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 1, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ro")) == ["hf"]
+
+
+def test_transformers5_rope_parameters_keep_their_scaling(tmp_path):
+    """transformers>=5 saves rope scaling as `rope_parameters`; the scaled rope must survive convert."""
+    from vlmbuild.llm.torch_runtime import TorchLLM
+
+    seed = random.randrange(1 << 30)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "trt", dtype="float32")
+    assert json.loads((tmp_path / "trt" / "config.json").read_text())["rotary_scaling"]["type"] == "linear"
+    ids = torch.randint(0, 101, (50,)).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    diff = (want - TorchLLM.load(tmp_path / "trt").forward_logits(ids)).abs().max().item()
+    assert diff < 1e-4, f"seed {seed}: {diff}"

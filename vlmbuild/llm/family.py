@@ -98,6 +98,18 @@ def rope_theta(hf: dict[str, Any], default: float) -> float:
     return float(params.get("rope_theta", default))
 
 
+def rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """rope_scaling from an old-style config, or from transformers>=5's `rope_parameters` when it
+    scales (rope_type other than 'default'); None when the rope is unscaled."""
+    if hf.get("rope_scaling"):
+        return dict(hf["rope_scaling"])
+    params = hf.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    return {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")} | {"type": kind}
+
+
 def standard_fields(hf: dict[str, Any], norm_eps: float) -> dict[str, Any]:
     """TrtLlmConfig shape fields from the HF names Qwen2, InternLM2 and Phi-3 share."""
     hidden, heads, layers, inter, vocab = require(

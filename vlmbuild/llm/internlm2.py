@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vlmbuild.llm.family import Family, register, rope_theta, standard_fields
+from vlmbuild.llm.family import Family, register, rope_scaling, rope_theta, standard_fields
 from vlmbuild.llm.trtllm_config import TrtLlmConfig
 
 log = logging.getLogger("vlmbuild.convert")
@@ -48,7 +48,7 @@ def split_wqkv(t: torch.Tensor, cfg: TrtLlmConfig) -> dict[str, torch.Tensor]:
 
 def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
     max_pos = hf.get("max_position_embeddings", 32768)
-    scaling = hf.get("rope_scaling")
+    scaling = rope_scaling(hf)
     if scaling and scaling.get("type", scaling.get("rope_type")) == "dynamic":
         # Dynamic NTK changes nothing below max_position_embeddings, and TRT-LLM >= 1.1 reads an
         # 'alpha' key for 'dynamic' that InternLM2 configs lack (trtllm-facts §1.9): write null.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmbuild.llm.family import Family, register, rope_theta, standard_fields
+from vlmbuild.llm.family import Family, register, rope_scaling, rope_theta, standard_fields
 from vlmbuild.llm.trtllm_config import TrtLlmConfig
 
 _L = "model.layers.{i}."
@@ -37,7 +37,7 @@ def read_config(hf: dict[str, Any], common: dict[str, Any]) -> TrtLlmConfig:
         hidden_act=hf.get("hidden_act", "silu"),
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
         rotary_base=rope_theta(hf, 1000000.0),
-        rotary_scaling=hf.get("rope_scaling"),
+        rotary_scaling=rope_scaling(hf),
         attn_bias=True,  # Qwen2 has q/k/v biases (o_proj none)
         seq_length=hf.get("seq_length", 8192),
         use_logn_attn=False,
