@@ -47,16 +47,21 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; artifacts get ordinary permissions
     try:
         yield tmp
-        if target.exists():
-            old = parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        promote_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def promote_dir(finished: Path, target: Path) -> None:
+    """Rename a finished sibling directory to `target`, replacing what was there."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        finished.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        finished.rename(target)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

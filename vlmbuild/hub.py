@@ -29,8 +29,10 @@ from rich.progress import Progress
 from tqdm import tqdm
 
 from vlmbuild.errors import ConfigError, DownloadError, ToolMissingError, VlmbuildError
+from vlmbuild.fsutil import promote_dir
 from vlmbuild.manifest import MANIFEST, read_manifest, write_manifest
 from vlmbuild.recipe import Recipe
+from vlmbuild.tiktoken_hf import tiktoken_to_tokenizer_json
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,10 @@ KNOWN_FIXES: dict[str, list[Fix]] = {
     "OpenGVLab/InternVL2-1B": [
         FetchFileFix("tokenizer.json", "Qwen/Qwen2-0.5B-Instruct", reason="the InternVL2-1B repo ships none"),
     ],
+    # Only the tiktoken form (qwen.tiktoken + remote code) is published; fast-tokenizer readers need tokenizer.json.
+    "Qwen/Qwen-VL-Chat": [
+        ConvertFix("tokenizer.json", tiktoken_to_tokenizer_json, reason="the Qwen-VL-Chat repo ships only qwen.tiktoken"),
+    ],
 }
 
 
@@ -146,7 +152,7 @@ def download(recipe: Recipe, workdir: str | Path, revision: str | None = None, s
     _check_landed(partial, snap.files + produced, repo, rev)
     write_manifest(partial, HF_MANIFEST_KIND, repo=repo, revision=rev, commit=snap.commit, source=source,
                    files=sorted(set(snap.files + produced)), fixes=[fix.describe() for fix in fixes])
-    _promote(partial, target)
+    promote_dir(partial, target)
     return target
 
 
@@ -198,17 +204,6 @@ def _check_landed(partial: Path, files: list[str], repo: str, rev: str) -> None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise DownloadError(f"download of {repo}@{rev} is incomplete: {shown} missing",
                             hint="the hub could not be reached for every file; re-run to resume")
-
-
-def _promote(partial: Path, target: Path) -> None:
-    """Rename the finished partial directory to `target`, replacing a previous download."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        partial.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(target)
 
 
 # --- sources ---------------------------------------------------------------------------------

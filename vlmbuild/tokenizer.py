@@ -242,14 +242,14 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint directory, from whichever supported form it ships."""
     model_dir = Path(model_dir)
     cfg = TokenizerConfig.read(model_dir)
+    if (model_dir / "qwen.tiktoken").is_file():  # native form first; a converted tokenizer.json is for other tools
+        return TiktokenTokenizer(model_dir / "qwen.tiktoken")
     if (model_dir / "tokenizer.json").is_file():
         return HfTokenizer(HfBackend.from_file(str(model_dir / "tokenizer.json")), cfg, model_dir)
     if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
         return HfTokenizer(_byte_bpe(model_dir, cfg), cfg, model_dir)
     if (model_dir / "tokenizer.model").is_file():
         return SentencePieceTokenizer(model_dir / "tokenizer.model", cfg, model_dir)
-    if (model_dir / "qwen.tiktoken").is_file():
-        return TiktokenTokenizer(model_dir / "qwen.tiktoken")
     hint = "run `vlmbuild download`, which adds tokenizer.json" if cfg.tokenizer_class in BYTE_BPE_PATTERNS else (
         "run `vlmbuild download` to fetch the tokenizer files")
     raise CheckpointError(f"{model_dir} has no tokenizer: expected tokenizer.json, vocab.json + merges.txt, tokenizer.model "
