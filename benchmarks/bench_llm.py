@@ -55,7 +55,8 @@ def run(model: str, device: str, dtype: str, prompt_len: int, new_tokens: int, r
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(Path(tmp) / "hf")
         convert_checkpoint(Path(tmp) / "hf", Path(tmp) / "trt", dtype=dtype)
-        ours = TorchLLM.load(Path(tmp) / "trt", device=device)
+        ours = TorchLLM.load(Path(tmp) / "trt", device=device)  # CUDA-graph decode on a GPU
+        eager = TorchLLM.load(Path(tmp) / "trt", device=device, cuda_graphs=False)
     hf = hf.to(device)
     ids = torch.randint(0, cfg.vocab_size, (prompt_len,)).tolist()
     x = torch.tensor([ids], device=device)
@@ -64,20 +65,25 @@ def run(model: str, device: str, dtype: str, prompt_len: int, new_tokens: int, r
         with torch.inference_mode():
             hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    def our_gen(n):
-        for _ in ours.generate(ids, max_new_tokens=n):
+    def run_ours(llm, n):
+        for _ in llm.generate(ids, max_new_tokens=n):
             pass
 
-    hf_prefill, our_prefill = _time(lambda: hf_gen(1), device, repeat), _time(lambda: our_gen(1), device, repeat)
-    hf_total, our_total = _time(lambda: hf_gen(new_tokens), device, repeat), _time(lambda: our_gen(new_tokens), device, repeat)
-    hf_tps = (new_tokens - 1) / (hf_total - hf_prefill)
-    our_tps = (new_tokens - 1) / (our_total - our_prefill)
+    def tps(prefill: float, total: float) -> float:
+        return (new_tokens - 1) / (total - prefill)
+
+    hf_prefill, our_prefill = _time(lambda: hf_gen(1), device, repeat), _time(lambda: run_ours(ours, 1), device, repeat)
+    eager_prefill = _time(lambda: run_ours(eager, 1), device, repeat)
+    hf_tps = tps(hf_prefill, _time(lambda: hf_gen(new_tokens), device, repeat))
+    our_tps = tps(our_prefill, _time(lambda: run_ours(ours, new_tokens), device, repeat))
+    eager_tps = tps(eager_prefill, _time(lambda: run_ours(eager, new_tokens), device, repeat))
     return {
         "model": model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "prefill_s": {"vlmbuild": our_prefill, "transformers": hf_prefill, "speedup": hf_prefill / our_prefill},
-        "decode_tok_s": {"vlmbuild": our_tps, "transformers": hf_tps, "speedup": our_tps / hf_tps},
+        "decode_tok_s": {"vlmbuild": our_tps, "vlmbuild_eager": eager_tps, "transformers": hf_tps,
+                         "speedup": our_tps / hf_tps, "eager_speedup": eager_tps / hf_tps},
     }
 
 
@@ -95,7 +101,8 @@ def main() -> None:
     for r in results:
         print(f"{r['model']:<11} {r['device']} {r['dtype']}: prefill {r['prefill_s']['vlmbuild']:.3f}s vs "
               f"{r['prefill_s']['transformers']:.3f}s (x{r['prefill_s']['speedup']:.2f}); decode "
-              f"{r['decode_tok_s']['vlmbuild']:.1f} vs {r['decode_tok_s']['transformers']:.1f} tok/s (x{r['decode_tok_s']['speedup']:.2f})")
+              f"{r['decode_tok_s']['vlmbuild']:.1f} (eager {r['decode_tok_s']['vlmbuild_eager']:.1f}) vs "
+              f"{r['decode_tok_s']['transformers']:.1f} tok/s (x{r['decode_tok_s']['speedup']:.2f}, eager x{r['decode_tok_s']['eager_speedup']:.2f})")
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))
 

@@ -137,16 +137,23 @@ class TorchLLM:
         self.lm_head = w.get("lm_head.weight", self.embedding)[: cfg.vocab_size]  # padded rows dropped
         self.layers = [_layer(w, i, cfg) for i in range(cfg.num_hidden_layers)]
         self.logn = bool(cfg.use_logn_attn) and cfg.qwen_type == "qwen"
+        self.graphs = None  # a GraphPool when decode steps run as CUDA graphs (see graph_decode.py)
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-             dtype: str | torch.dtype | None = None) -> "TorchLLM":
-        """Load a (possibly TP/PP-sharded) checkpoint; dtype defaults to the checkpoint's."""
+             dtype: str | torch.dtype | None = None, cuda_graphs: bool = True) -> "TorchLLM":
+        """Load a (possibly TP/PP-sharded) checkpoint; dtype defaults to the checkpoint's. On a CUDA
+        device single-token decode steps are replayed as CUDA graphs unless `cuda_graphs` is False."""
         cfg = TrtLlmConfig.read(checkpoint_dir)
         weights = merge_shards(_read_ranks(Path(checkpoint_dir), cfg), cfg)
         _check_quantization(weights, cfg)
         run_dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or DTYPES[cfg.dtype])
-        return cls(cfg, weights, torch.device(device), run_dtype)
+        llm = cls(cfg, weights, torch.device(device), run_dtype)
+        if llm.device.type == "cuda" and cuda_graphs:
+            from vlmbuild.llm.graph_decode import GraphPool
+
+            llm.graphs = GraphPool(llm, capture=True)
+        return llm
 
     @property
     def max_seq_len(self) -> int:
@@ -179,17 +186,18 @@ class TorchLLM:
 
     def _stream(self, input_ids: list[int], prompt_table: torch.Tensor | None, params: SamplingParams,
                 stop_token_ids: set[int] | frozenset[int], budget: int) -> Iterator[int]:
-        cache = self.new_cache(len(input_ids) + budget)
+        static = self.graphs.decoder(len(input_ids) + budget) if self.graphs else None
+        cache = static.reset() if static else self.new_cache(len(input_ids) + budget)
         generator = None if params.greedy else params.generator(self.device)
         history = [t for t in input_ids if t < self.cfg.vocab_size]  # fake ids are not vocabulary
-        logits = self._step(input_ids, prompt_table, cache)
+        logits = self._step(input_ids, prompt_table, cache)  # prefill: eager, variable length
         for n in range(budget):
             token = sample_next(logits, params, generator, history)
             yield token
             if token in stop_token_ids or n == budget - 1:
                 return
             history.append(token)
-            logits = self._step([token], None, cache)
+            logits = static.step(token) if static else self._step([token], None, cache)
 
     @torch.inference_mode()
     def _step(self, ids: list[int], prompt_table: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
@@ -232,11 +240,14 @@ class TorchLLM:
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, self.cfg.norm_epsilon)
             x = x + self._attention(h, layer, i, cache, cos, sin, mask, q_scale)
-            h = _rms_norm(x, layer.post_norm, self.cfg.norm_epsilon)
-            x = x + F.linear(self.act(F.linear(h, layer.fc_w, layer.fc_b)) * F.linear(h, layer.gate_w, layer.gate_b),
-                             layer.proj_w, layer.proj_b)
+            x = x + self._mlp(_rms_norm(x, layer.post_norm, self.cfg.norm_epsilon), layer)
         cache.length = start + count
         return x
+
+    def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """GatedMLP / swiglu: proj(act(fc(h)) * gate(h)), fc being the activated branch."""
+        return F.linear(self.act(F.linear(h, layer.fc_w, layer.fc_b)) * F.linear(h, layer.gate_w, layer.gate_b),
+                        layer.proj_w, layer.proj_b)
 
     def _attention(self, h: torch.Tensor, layer: _Layer, i: int, cache: KVCache, cos: torch.Tensor,
                    sin: torch.Tensor, mask: torch.Tensor | None, q_scale: torch.Tensor | None) -> torch.Tensor:
