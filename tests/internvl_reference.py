@@ -153,7 +153,7 @@ def chat_prompt(template: str, turns: list[tuple[str, str | None]], system: str 
     out = f"{sys_role}{system}{sep}"
     for question, answer in turns:
         out += f"{user}{question}{sep}{assistant_role}"
-        if answer is not None:
+        if answer:  # MPT style: an empty message renders as its role alone, with no separator
             out += f"{answer}{sep}"
     return out
 

@@ -172,7 +172,8 @@ ROPE_VARIANTS = {
     "dynamic": ({"rope_type": "dynamic", "factor": 2.0},
                 {"rotary_scaling": {"type": "dynamic", "factor": 2.0}}, (10, 90)),
     "longrope": ({"rope_type": "longrope", "original_max_position_embeddings": 16},
-                 {"position_embedding_type": "long_rope", "original_max_position_embeddings": 16}, (10, 40)),
+                 {"position_embedding_type": "long_rope", "original_max_position_embeddings": 16,
+                  "rotary_scaling": None}, (10, 40)),  # as the Phi-3 converter writes it
 }
 
 
