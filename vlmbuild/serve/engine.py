@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
 
 from vlmbuild.llm.sampling import SamplingParams
 from vlmbuild.serve.protocol import ChatCompletionRequest
-from vlmbuild.serve.runtime import ServingModel
+from vlmbuild.serve.runtime import BuiltRequest, ServingModel
 
 log = logging.getLogger("vlmbuild.serve")
 
@@ -37,17 +36,13 @@ class Finished:
 
 @dataclass
 class Prepared:
-    """A validated request, ready to run: token ids with fake image ids, pixels, sampling."""
+    """A validated request, ready to run: ids with fake image ids and pixels, plus sampling."""
 
     request_id: str
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None  # [tiles, 3, H, W]
-    image_keys: list[bytes]
-    rows_per_image: list[int]
+    built: BuiltRequest
     params: SamplingParams
     max_new_tokens: int
     stop_strings: list[str] = field(default_factory=list)
-    t_received: float = field(default_factory=time.time)
 
 
 class ChatEngine:
@@ -62,12 +57,9 @@ class ChatEngine:
     async def prepare(self, req: ChatCompletionRequest) -> Prepared:
         """Everything that can fail because of the request, before any response byte is sent."""
         loop = asyncio.get_running_loop()
-        request = await loop.run_in_executor(self._io, self.model.build_request, req)
-        return Prepared(request_id=f"chatcmpl-{uuid.uuid4().hex}", input_ids=request.input_ids,
-                        pixel_values=request.pixel_values, image_keys=request.image_keys,
-                        rows_per_image=request.rows_per_image, params=self.model.sampling(req),
-                        max_new_tokens=self.model.max_new_tokens(req, len(request.input_ids)),
-                        stop_strings=req.stop_list)
+        built = await loop.run_in_executor(self._io, self.model.build_request, req)
+        return Prepared(request_id=f"chatcmpl-{uuid.uuid4().hex}", built=built, params=self.model.sampling(req),
+                        max_new_tokens=self.model.max_new_tokens(req, len(built.input_ids)), stop_strings=req.stop_list)
 
     async def run(self, p: Prepared) -> AsyncIterator[Delta | Finished]:
         loop = asyncio.get_running_loop()
@@ -96,14 +88,16 @@ class ChatEngine:
             tail = detok.flush()
             if tail:
                 yield Delta(tail)
-            log.info("%s: %d prompt + %d completion tokens, %.2fs (%s)", p.request_id, len(p.input_ids), n,
+            prompt_tokens = len(p.built.input_ids)
+            log.info("%s: %d prompt + %d completion tokens, %.2fs (%s)", p.request_id, prompt_tokens, n,
                      time.time() - t0, reason)
-            yield Finished(reason, len(p.input_ids), n)
+            yield Finished(reason, prompt_tokens, n)
 
     def _start(self, p: Prepared) -> Iterator[int]:
-        table = self.model.encode_images(p.pixel_values)
-        return self.model.llm.generate(p.input_ids, table, p.params, self.model.stop_token_ids, p.max_new_tokens,
-                                       **self.model.backend_extras(p.image_keys, p.rows_per_image))
+        b = p.built
+        table = self.model.encode_images(b.pixel_values)
+        return self.model.llm.generate(b.input_ids, table, p.params, self.model.stop_token_ids, p.max_new_tokens,
+                                       **self.model.backend_extras(b.image_keys, b.rows_per_image))
 
 
 class Detokenizer:

@@ -46,7 +46,7 @@ class ServeOptions:
 class BuiltRequest:
     input_ids: list[int]  # image positions hold fake ids vocab_size + k
     pixel_values: torch.Tensor | None  # [tiles, 3, 448, 448]
-    image_keys: list[bytes]  # one digest per image, for KV-cache reuse keys
+    image_keys: list[bytes]  # one digest per image for TRT-LLM KV-cache reuse (empty for torch)
     rows_per_image: list[int]
 
 
@@ -119,7 +119,8 @@ class ServingModel:
             t = self.preprocess(image, max_num=FRAME_MAX_TILES if ref.video_frame else None)
             pixels.append(t)
             tiles.append(t.shape[0])
-            keys.append(hashlib.sha256(t.numpy().tobytes()).digest())
+            if self.llm_backend == "trtllm":  # KV-reuse keys; the torch backend reuses nothing
+                keys.append(hashlib.sha256(t.numpy().tobytes()).digest())
         limit = self.recipe.llm.max_patches_per_request
         if sum(tiles) > limit:
             raise RequestError(f"the request's {len(refs)} image(s) make {sum(tiles)} tiles; this model accepts {limit} per request",
