@@ -26,6 +26,8 @@ app.add_typer(recipes_app, name="recipes")
 out = Console()
 err = Console(stderr=True)
 
+DEFAULT_WORKDIR = Path("work")
+
 # Shared options, defined once; seed-style underscore spellings are accepted as aliases.
 RecipeArg = Annotated[Optional[str], typer.Argument(help="Recipe name (see `vlmbuild recipes`) or path to a YAML.")]
 ModelDir = Annotated[Optional[Path], typer.Option("--model-dir", "--model_dir", help="HF checkpoint directory.")]
@@ -43,9 +45,9 @@ def _model_dir(recipe: Recipe | None, model_dir: Path | None, workdir: Path | No
 
     if model_dir:
         return model_dir
-    if recipe and workdir:
-        return default_model_dir(workdir)
-    raise ConfigError("give --model-dir (or a RECIPE with --workdir)")
+    if recipe:  # where `vlmbuild download RECIPE [--workdir W]` put it (W defaults to ./work)
+        return default_model_dir(workdir or DEFAULT_WORKDIR)
+    raise ConfigError("give --model-dir M, or a RECIPE (its checkpoint is read from WORKDIR/hf, --workdir defaulting to ./work)")
 
 
 def _check_dtype(dtype: str | None) -> None:
@@ -81,7 +83,7 @@ def synth(recipe: Annotated[str, typer.Argument()], output_dir: OutputDir, seed:
 
 
 @app.command()
-def download(recipe: Annotated[str, typer.Argument()], workdir: WorkDir = Path("work"),
+def download(recipe: Annotated[str, typer.Argument()], workdir: WorkDir = DEFAULT_WORKDIR,
              revision: Annotated[Optional[str], typer.Option()] = None,
              source: Annotated[str, typer.Option(help="huggingface | modelscope")] = "huggingface") -> None:
     """Fetch RECIPE's checkpoint into WORKDIR/hf (HF_ENDPOINT, HF_TOKEN honoured) and apply known fixes."""
@@ -158,7 +160,7 @@ def build_vit_cmd(recipe: RecipeArg = None, model_dir: ModelDir = None, output_d
 
 
 @app.command()
-def build(recipe: RecipeArg = None, workdir: WorkDir = Path("work"), model_dir: ModelDir = None,
+def build(recipe: RecipeArg = None, workdir: WorkDir = DEFAULT_WORKDIR, model_dir: ModelDir = None,
           builder: Annotated[str, typer.Option(help="vision engine builder: auto | tensorrt | tensorrt-rtx | none")] = "auto") -> None:
     """convert + build-vit + build-llm into WORKDIR, saying which engine steps ran and which were skipped."""
     from vlmbuild.pipeline import build_workdir
@@ -191,7 +193,7 @@ def serve(recipe: RecipeArg = None, workdir: Annotated[Optional[Path], typer.Opt
     if workdir is None:
         if recipe is None:
             raise ConfigError("give --workdir W (or a RECIPE whose work directory is ./work)")
-        workdir = Path("work")
+        workdir = DEFAULT_WORKDIR
     options = ServeOptions(llm_backend=llm_backend, vision_backend=vision_backend, device=device,
                            allowed_local_media_path=allowed_local_media_path.resolve() if allowed_local_media_path else None,
                            served_model_name=served_model_name)
