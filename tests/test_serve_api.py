@@ -66,6 +66,14 @@ def _assert_error(r: httpx.Response, status: int, *needles: str) -> dict:
     return err
 
 
+def test_reference_guide_model_name_is_accepted(url):
+    """grps-trtllm's guide sends "model": "InternVL2" for every size; those requests work unchanged."""
+    body = {"model": "InternVL2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = _post(url, body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL
+
+
 def test_health_and_models(url):
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     models = httpx.get(url + "/v1/models").json()

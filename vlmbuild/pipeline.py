@@ -23,6 +23,8 @@ from vlmbuild.tokenizer import load_tokenizer
 
 # Top-level HF architecture → (vision encoder key, default chat template when config.json names none).
 MODEL_KINDS = {"InternVLChatModel": ("intern_vit", None), "QWenLMHeadModel": ("qwen_vit", "chatml")}
+# Top-level HF architecture → the model name clients of the reference (grps-trtllm) guides send.
+GUIDE_MODEL_NAMES = {"InternVLChatModel": "InternVL2", "QWenLMHeadModel": "Qwen-VL-Chat"}
 
 
 @dataclass

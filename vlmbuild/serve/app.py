@@ -76,7 +76,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError("the request body is not valid JSON") from None
         req = parse_chat_request(body)
-        if req.model not in (None, engine.model_name):
+        if req.model is not None and req.model not in engine.model_names:
             raise ModelNotFoundError(f"the model '{req.model}' does not exist; this server serves '{engine.model_name}'",
                                      param="model", code="model_not_found")
         prepared = await engine.prepare(req)  # media, tiling and prompt errors surface here as 400s

@@ -49,6 +49,7 @@ class ChatEngine:
     def __init__(self, model: ServingModel):
         self.model = model
         self.model_name = model.name
+        self.model_names = model.aliases  # what a request's `model` may say
         self.max_model_len = model.max_seq_len
         self._lock = asyncio.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmbuild-gen")

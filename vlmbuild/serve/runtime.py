@@ -19,7 +19,7 @@ from vlmbuild.errors import RequestError, ToolMissingError
 from vlmbuild.llm.family import get_family
 from vlmbuild.llm.sampling import SamplingParams
 from vlmbuild.llm.trtllm_config import TrtLlmConfig
-from vlmbuild.pipeline import read_workdir
+from vlmbuild.pipeline import GUIDE_MODEL_NAMES, read_workdir
 from vlmbuild.recipe import Recipe
 from vlmbuild.serve.media import MediaPolicy, load_image
 from vlmbuild.serve.preprocess import FRAME_MAX_TILES, preprocessor_for
@@ -67,6 +67,7 @@ class ServingModel:
         self.name = options.served_model_name or self.recipe.name
         self.tokenizer = load_tokenizer(self.model_dir)
         hf = HfCheckpoint(self.model_dir).config
+        self.aliases = _aliases(self.name, self.recipe, hf.architectures)
         self.template = get_template(self.recipe.template or hf.template or "")
         self.style = get_image_style(self.template.image_style)
         self.preprocess = preprocessor_for(self.recipe.vision, self.recipe.max_dynamic_patch)
@@ -179,6 +180,16 @@ class ServingModel:
         if self.llm_backend == "trtllm":
             return {"image_keys": image_keys, "rows_per_image": rows_per_image}
         return {}
+
+
+def _aliases(name: str, recipe: Recipe, architectures: list[str]) -> frozenset[str]:
+    """Names a request's `model` may use: the served name, the recipe and its hub repo, and the name
+    the reference guide's requests send ("InternVL2"), so clients written for it work unchanged."""
+    names = {name, recipe.name}
+    if recipe.hf_repo:
+        names |= {recipe.hf_repo, recipe.hf_repo.rsplit("/", 1)[-1]}
+    names |= {GUIDE_MODEL_NAMES[a] for a in architectures[:1] if a in GUIDE_MODEL_NAMES}
+    return frozenset(names)
 
 
 def _generation_defaults(model_dir: Path) -> dict:
