@@ -19,6 +19,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -224,3 +225,23 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 def _range_start(header: str | None) -> int | None:
     match = re.fullmatch(r"bytes=(\d+)-", header or "")
     return int(match.group(1)) if match else None
+
+
+def route_client_to(fake: FakeHub, monkeypatch, cache_dir: Path, token: str | None = None) -> None:
+    """Point huggingface_hub at `fake` (endpoint, token, a private cache) and make any lookup of
+    another host fail the test, so nothing can reach a real hub."""
+    import socket
+
+    import huggingface_hub
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        assert host in ("127.0.0.1", "localhost"), f"test tried to reach {host}"
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache_dir))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import socket
 
 import huggingface_hub.constants
 import huggingface_hub.file_download
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from fakehub import FakeHub, FakeRepo  # tests/ is on sys.path (no __init__.py there)
+from fakehub import FakeHub, FakeRepo, route_client_to  # tests/ is on sys.path (no __init__.py there)
 from vlmbuild.errors import ConfigError, DownloadError, ToolMissingError
 from vlmbuild.hub import HF_MANIFEST_KIND, download
 from vlmbuild.manifest import read_manifest
@@ -46,17 +45,8 @@ def seed() -> int:
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path, seed):
-    real_getaddrinfo = socket.getaddrinfo
-
-    def local_only(host, *args, **kwargs):
-        assert host in ("127.0.0.1", "localhost"), f"test tried to reach {host}"
-        return real_getaddrinfo(host, *args, **kwargs)
-
     with FakeHub(_repos(seed)) as fake:
-        monkeypatch.setattr(socket, "getaddrinfo", local_only)
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        route_client_to(fake, monkeypatch, tmp_path / "hub-cache", token=TOKEN)
         yield fake
 
 

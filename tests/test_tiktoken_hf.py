@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
-import socket
 
-import huggingface_hub.constants
 import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -14,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from fakehub import FakeHub, FakeRepo  # tests/ is on sys.path (no __init__.py there)
+from fakehub import FakeHub, FakeRepo, route_client_to  # tests/ is on sys.path (no __init__.py there)
 from vlmbuild.errors import CheckpointError
 from vlmbuild.hub import HF_MANIFEST_KIND, download
 from vlmbuild.manifest import MANIFEST, read_manifest
@@ -143,18 +141,10 @@ def test_damaged_tiktoken_fails_in_one_line(tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path, tiny_dir):
-    real_getaddrinfo = socket.getaddrinfo
-
-    def local_only(host, *args, **kwargs):
-        assert host in ("127.0.0.1", "localhost"), f"test tried to reach {host}"
-        return real_getaddrinfo(host, *args, **kwargs)
-
     # As published: the tiktoken file, configs and weights, no tokenizer.json.
     files = {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.name not in (MANIFEST, "tokenizer.json")}
     with FakeHub({REPO: FakeRepo(files, commit="c" * 40)}) as fake:
-        monkeypatch.setattr(socket, "getaddrinfo", local_only)
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        route_client_to(fake, monkeypatch, tmp_path / "hub-cache")
         yield fake
 
 
