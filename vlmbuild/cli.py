@@ -41,12 +41,12 @@ def _recipe(name: str | None) -> Recipe | None:
 
 
 def _model_dir(recipe: Recipe | None, model_dir: Path | None, workdir: Path | None = None) -> Path:
-    from vlmbuild.pipeline import default_model_dir
+    from vlmbuild.hub import model_dir as hub_model_dir
 
     if model_dir:
         return model_dir
     if recipe:  # where `vlmbuild download RECIPE [--workdir W]` put it (W defaults to ./work)
-        return default_model_dir(workdir or DEFAULT_WORKDIR)
+        return hub_model_dir(workdir or DEFAULT_WORKDIR)
     raise ConfigError("give --model-dir M, or a RECIPE (its checkpoint is read from WORKDIR/hf, --workdir defaulting to ./work)")
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from vlmbuild.pipeline import build_workdir, default_model_dir
+from vlmbuild.hub import model_dir as hub_model_dir
+from vlmbuild.pipeline import build_workdir
 from vlmbuild.recipe import load_recipe
 from vlmbuild.serve.runtime import ServeOptions
 from vlmbuild.serve.server import BackgroundServer, make_app
@@ -40,8 +41,8 @@ def run_demo(workdir: Path | None = None, builder: str = "auto", console: Consol
     try:
         recipe = load_recipe(DEMO_RECIPE)
         t0 = time.time()
-        synth_checkpoint(recipe, default_model_dir(workdir))
-        console.print(f"[green]✓[/] synth   tiny random InternVL2-1B layout → {default_model_dir(workdir)}")
+        synth_checkpoint(recipe, hub_model_dir(workdir))
+        console.print(f"[green]✓[/] synth   tiny random InternVL2-1B layout → {hub_model_dir(workdir)}")
         report = build_workdir(recipe, workdir, builder=builder)
         for step in report.steps:
             console.print(f"{'[green]✓' if step.status == 'built' else '[yellow]–'}[/] {step.name:<14} {step.status:<8} {step.detail}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -58,11 +57,3 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> Manifest:
         raise CheckpointError(f"{path} describes a '{manifest.kind}', expected a '{kind}'")
     return manifest
 
-
-def file_digest(path: str | Path, limit: int = 1 << 20) -> str:
-    """Cheap identity of a (possibly huge) file: sha256 of its size and first `limit` bytes."""
-    path = Path(path)
-    h = hashlib.sha256(str(path.stat().st_size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(limit))
-    return h.hexdigest()[:16]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vlmbuild.checkpoint import HfCheckpoint
 from vlmbuild.errors import CheckpointError, ToolMissingError, UnsupportedError
+from vlmbuild.hub import model_dir as hub_model_dir
 from vlmbuild.llm.build import build_llm
 from vlmbuild.llm.convert import convert_checkpoint
 from vlmbuild.llm.family import family_for_architecture
@@ -40,10 +41,6 @@ class BuildReport:
     steps: list[Step] = field(default_factory=list)
 
 
-def default_model_dir(workdir: Path) -> Path:
-    return workdir / "hf"
-
-
 def recipe_for_checkpoint(model_dir: Path) -> Recipe:
     """A recipe with default build parameters for a checkpoint given only by directory."""
     ckpt = HfCheckpoint(model_dir)
@@ -62,7 +59,7 @@ def recipe_for_checkpoint(model_dir: Path) -> Recipe:
 def build_workdir(recipe: Recipe | None, workdir: str | Path, model_dir: str | Path | None = None,
                   builder: str = "auto", dry_run_llm: bool = False) -> BuildReport:
     workdir = Path(workdir)
-    model_dir = Path(model_dir) if model_dir else default_model_dir(workdir)
+    model_dir = Path(model_dir) if model_dir else hub_model_dir(workdir)
     if not (model_dir / "config.json").is_file():
         hint = "run `vlmbuild download RECIPE --workdir W` (or `vlmbuild synth RECIPE --output-dir W/hf`) first"
         raise CheckpointError(f"no checkpoint in {model_dir}", hint=hint)

@@ -18,11 +18,10 @@ from vlmbuild.checkpoint import HfCheckpoint
 from vlmbuild.errors import CheckpointError, ConfigError
 from vlmbuild.fsutil import atomic_dir, write_json
 from vlmbuild.llm.family import Family, Transform, family_for_architecture
-from vlmbuild.llm.trtllm_config import QUANT_ALGOS, TrtLlmConfig, TrtMapping, TrtQuantization
+from vlmbuild.llm.trtllm_config import DTYPES, QUANT_ALGOS, TrtLlmConfig, TrtMapping, TrtQuantization
 from vlmbuild.llm.writer import StreamingSafetensorsWriter
 from vlmbuild.manifest import write_manifest
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,10 @@ from safetensors.torch import load_file
 
 from vlmbuild.errors import CheckpointError, RequestError, UnsupportedError
 from vlmbuild.llm.sampling import SamplingParams, sample_next
-from vlmbuild.llm.trtllm_config import TrtLlmConfig
+from vlmbuild.llm.trtllm_config import DTYPES, TrtLlmConfig
 
 log = logging.getLogger(__name__)
 
-# The checkpoint config is the one convert writes; TRT-LLM tolerates unknown top-level keys.
-TrtLlmCheckpointConfig = TrtLlmConfig
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACTIVATIONS = {"silu": F.silu, "swiglu": F.silu}
 ROPE_SCALINGS = ("linear", "dynamic")
 # Tensor-parallel layout (trtllm-facts §2.4): column-parallel parts split dim 0, row-parallel dim 1.

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vlmbuild.errors import CheckpointError
 
 QUANT_ALGOS = {None: None, "int8": "W8A16", "int4": "W4A16"}
+# A checkpoint `dtype` → the torch dtype its weights are held in.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TrtMapping(BaseModel):

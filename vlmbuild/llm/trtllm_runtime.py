@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,10 +18,9 @@ import torch
 
 from vlmbuild.errors import RequestError, ToolMissingError, VlmbuildError
 from vlmbuild.llm.sampling import SamplingParams
-from vlmbuild.llm.trtllm_config import TrtLlmConfig
+from vlmbuild.llm.trtllm_config import DTYPES, TrtLlmConfig
 from vlmbuild.manifest import read_manifest
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,6 @@ class RequestPlan:
     embedding_table: torch.Tensor | None = None  # [rows, hidden] in the engine dtype
     input_token_extra_ids: list[int] | None = None
     streaming: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, float | int]:
@@ -72,7 +70,7 @@ def plan_request(input_ids: list[int], prompt_table: torch.Tensor | None, params
     if rows > max_prompt_vocab:
         raise RequestError(f"the request carries {rows} image tokens but the engine allows {max_prompt_vocab} per request",
                            param="messages", code="too_many_images")
-    table = None if prompt_table is None else prompt_table.to(_DTYPES[cfg.dtype]).contiguous()
+    table = None if prompt_table is None else prompt_table.to(DTYPES[cfg.dtype]).contiguous()
     extra = _extra_ids(input_ids, vocab, image_keys, rows_per_image) if image_keys else None
     return RequestPlan(
         input_token_ids=list(input_ids), max_tokens=max_new_tokens, end_id=stop_token_ids[0] if stop_token_ids else None,
