@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime
 import torch
 
 from vlmbuild.checkpoint import HfCheckpoint
@@ -177,7 +178,7 @@ def load_vision_runtime(vision_dir: str | Path, backend: str = "auto", device: s
     # GPUs, so `auto` leaves them to an explicit --vision-backend tensorrt.
     trt_importable = spec.builder != "tensorrt-rtx" and any(
         importlib.util.find_spec(m) for m in BUILDER_MODULES.get(spec.builder or "", ()))
-    ort_cuda = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+    ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     chosen, reason = choose_backend(backend, spec.engine is not None, trt_importable, device == "cuda", ort_cuda)
     log.info("vision backend: %s (%s)", chosen, reason)
     if chosen == "tensorrt":
